@@ -14,10 +14,11 @@ from .preprocessing import Preprocessed
 from .resampling import get_resampler
 
 
-def resample_logits_back(model, logits: np.ndarray, pre: Preprocessed) -> np.ndarray:
+def resample_logits_back(model, logits: np.ndarray, pre: Preprocessed, *, argmax: bool = False) -> np.ndarray:
+    """Logits at the cropped original resolution (or, with ``argmax``, just their per-voxel argmax)."""
     resample = get_resampler(model.config["resampling_fn_probabilities"],
                              model.config.get("resampling_fn_probabilities_kwargs"),
-                             "plans.json resampling_fn_probabilities")
+                             "plans.json resampling_fn_probabilities", argmax=argmax)
     return resample(logits, pre.shape_after_cropping, pre.target_spacing, pre.original_spacing)
 
 
@@ -57,6 +58,10 @@ def export(model, logits: torch.Tensor | np.ndarray, pre: Preprocessed, *, retur
     """Labels in the input's geometry (and float32 probabilities when asked)."""
     if isinstance(logits, torch.Tensor):
         logits = logits.detach().cpu().numpy()
+    if not return_probabilities and not model.labels.has_regions:
+        # labels straight from the resampled fp16 logits, as nnU-Net, without holding every class at full size
+        seg = resample_logits_back(model, logits, pre, argmax=True)
+        return uncrop_and_untranspose(model, seg, pre), None
     resampled = resample_logits_back(model, logits, pre)
     if not return_probabilities:
         seg = segmentation_from(model.labels, resampled, are_probabilities=False)

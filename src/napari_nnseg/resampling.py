@@ -7,7 +7,9 @@ model uses is part of what it was trained with, so the plans decide, from this f
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -16,6 +18,10 @@ from skimage.transform import resize
 from .errors import NnsegError
 
 ANISO_THRESHOLD = 3
+
+# Channels are resized in parallel threads (scipy releases the GIL), one float64 channel at a time instead
+# of nnU-Net's float64 copy of every channel; the arithmetic per channel is scikit-image's, unchanged.
+RESAMPLING_THREADS = max(1, min(8, os.cpu_count() or 1))
 
 
 def compute_new_shape(old_shape: Sequence[int], old_spacing: Sequence[float],
@@ -54,6 +60,47 @@ def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
     return np.clip(np.floor(coords + 0.5), 0, n_in - 1).astype(np.intp)
 
 
+def resize_channel(channel: np.ndarray, new_shape: Sequence[int], order: int,
+                   axis: int | None) -> np.ndarray:
+    """Resize one channel to ``new_shape`` as nnU-Net does, returning float64.
+
+    ``axis`` (separate-z) resizes each slice along it in-plane with ``order``, then takes the nearest slice
+    (an index lookup, where nnU-Net builds a full coordinate grid for ``map_coordinates(order=0)``).
+    """
+    new_shape = tuple(int(s) for s in new_shape)
+    kwargs = {"mode": "edge", "anti_aliasing": False}
+    if axis is None:
+        return resize(channel.astype(np.float64), new_shape, order, **kwargs)
+    shape = channel.shape
+    plane_shape = tuple(s for i, s in enumerate(new_shape) if i != axis)
+    tmp_shape = list(new_shape)
+    tmp_shape[axis] = shape[axis]
+    tmp = np.zeros(tmp_shape)
+    for k in range(shape[axis]):
+        index = [slice(None)] * channel.ndim
+        index[axis] = k
+        tmp[tuple(index)] = resize(channel[tuple(index)].astype(np.float64), plane_shape, order, **kwargs)
+    if shape[axis] != new_shape[axis]:
+        tmp = np.take(tmp, _nearest_indices(shape[axis], new_shape[axis]), axis=axis)
+    return tmp
+
+
+def _map_channels(fn, n_channels: int):
+    """Yield ``fn(c)`` for every channel in order, computing up to RESAMPLING_THREADS at a time."""
+    if RESAMPLING_THREADS <= 1 or n_channels <= 1:
+        for c in range(n_channels):
+            yield fn(c)
+        return
+    with ThreadPoolExecutor(RESAMPLING_THREADS) as pool:
+        pending = [pool.submit(fn, c) for c in range(min(n_channels, RESAMPLING_THREADS))]
+        for c in range(n_channels):
+            result = pending[c].result()
+            pending[c] = None  # release as soon as consumed: memory stays bounded by the threads in flight
+            if c + RESAMPLING_THREADS < n_channels:
+                pending.append(pool.submit(fn, c + RESAMPLING_THREADS))
+            yield result
+
+
 def resample_spline(data: np.ndarray, new_shape: Sequence[int], current_spacing: Sequence[float],
                     new_spacing: Sequence[float], *, is_seg: bool = False, order: int = 3, order_z: int = 0,
                     force_separate_z: bool | None = False,
@@ -69,24 +116,37 @@ def resample_spline(data: np.ndarray, new_shape: Sequence[int], current_spacing:
         return data
     axis = separate_z_axis(force_separate_z, current_spacing, new_spacing, separate_z_anisotropy_threshold)
     out = np.zeros((data.shape[0], *new_shape), dtype=data.dtype)
-    kwargs = {"mode": "edge", "anti_aliasing": False}
-    for c in range(data.shape[0]):
-        channel = data[c].astype(np.float64)
-        if axis is None:
-            out[c] = resize(channel, new_shape, order, **kwargs)
-            continue
-        plane_shape = tuple(s for i, s in enumerate(new_shape) if i != axis)
-        tmp_shape = list(new_shape)
-        tmp_shape[axis] = shape[axis]
-        tmp = np.zeros(tmp_shape)
-        for k in range(shape[axis]):
-            index = [slice(None)] * 3
-            index[axis] = k
-            tmp[tuple(index)] = resize(channel[tuple(index)], plane_shape, order, **kwargs)
-        if shape[axis] != new_shape[axis]:
-            tmp = np.take(tmp, _nearest_indices(shape[axis], new_shape[axis]), axis=axis)
-        out[c] = tmp
+    channels = _map_channels(lambda c: resize_channel(data[c], new_shape, order, axis), data.shape[0])
+    for c, resized in enumerate(channels):
+        out[c] = resized  # numpy casts float64 -> the input dtype once, as nnU-Net's assignment does
     return out
+
+
+def resample_spline_argmax(data: np.ndarray, new_shape: Sequence[int], current_spacing: Sequence[float],
+                           new_spacing: Sequence[float], *, order: int = 1, force_separate_z: bool | None = False,
+                           separate_z_anisotropy_threshold: float = ANISO_THRESHOLD, **_: object) -> np.ndarray:
+    """``resample_spline(...).argmax(0)`` one channel at a time.
+
+    Holds one resampled channel, the running maximum and the index instead of every class at the output
+    resolution; ties keep the lower channel as ``argmax`` does, and values are compared after the same cast
+    to the logits' dtype, so the labels are those of the full array.
+    """
+    new_shape = tuple(int(s) for s in new_shape)
+    if data.shape[1:] == new_shape:
+        return data.argmax(0)
+    axis = separate_z_axis(force_separate_z, current_spacing, new_spacing, separate_z_anisotropy_threshold)
+    index = np.zeros(new_shape, dtype=np.uint8 if data.shape[0] <= 256 else np.uint16)
+    best = None
+    channels = _map_channels(lambda c: resize_channel(data[c], new_shape, order, axis).astype(data.dtype),
+                             data.shape[0])
+    for c, value in enumerate(channels):
+        if best is None:
+            best = value
+            continue
+        better = value > best
+        np.copyto(best, value, where=better)
+        index[better] = c
+    return index
 
 
 def _torch_interpolate(data: torch.Tensor, new_shape: Sequence[int], mode: str) -> torch.Tensor:
@@ -142,8 +202,12 @@ _RESAMPLERS: dict[str, tuple[Callable, set[str]]] = {
 }
 
 
-def get_resampler(name: str, kwargs: dict | None, where: str) -> Callable[..., np.ndarray]:
-    """A function ``(data, new_shape, current_spacing, new_spacing) -> data`` for the plans' name/kwargs."""
+def get_resampler(name: str, kwargs: dict | None, where: str, *, argmax: bool = False) -> Callable[..., np.ndarray]:
+    """A function ``(data, new_shape, current_spacing, new_spacing) -> data`` for the plans' name/kwargs.
+
+    With ``argmax=True`` the function returns the channel argmax of the resampled data instead, computed
+    channel by channel where the resampler allows it (memory: one channel, not all classes).
+    """
     if name not in _RESAMPLERS:
         raise NnsegError(f"{where}: resampling function {name!r} is not supported; supported: "
                          f"{', '.join(_RESAMPLERS)}.")
@@ -155,7 +219,14 @@ def get_resampler(name: str, kwargs: dict | None, where: str) -> Callable[..., n
     kwargs.pop("device", None)  # the plans' device is the training machine's; resample on the CPU
     kwargs.pop("num_threads", None)
 
+    if argmax and fn is resample_spline and not kwargs.get("is_seg") and not kwargs.get("order_z"):
+        def run_argmax(data, new_shape, current_spacing, new_spacing):
+            return resample_spline_argmax(data, new_shape, current_spacing, new_spacing, **kwargs)
+
+        return run_argmax
+
     def run(data, new_shape, current_spacing, new_spacing):
-        return fn(data, new_shape, current_spacing, new_spacing, **kwargs)
+        out = fn(data, new_shape, current_spacing, new_spacing, **kwargs)
+        return np.asarray(out).argmax(0) if argmax else out
 
     return run
