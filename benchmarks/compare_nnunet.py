@@ -1,0 +1,232 @@
+"""napari-nnseg against nnunetv2 on the same model folders and inputs: time, peak memory, agreement.
+
+Run from the repository root in the test environment (nnunetv2 is a test/benchmark-only dependency):
+
+    .tox/py311/bin/python benchmarks/compare_nnunet.py            # all cases, about 10 minutes on 2 cores
+    .tox/py311/bin/python benchmarks/compare_nnunet.py --quick    # one run each, smaller inputs
+
+Every measurement runs in a fresh subprocess (so peak RSS is that run's own), ours and nnU-Net's
+alternating, and the script prints ratios (ours / nnU-Net), never absolute claims: these machines are noisy.
+
+Cases
+  a  compute-bound 3-D: a planner-like 5-stage U-Net, input near the target spacing
+  b  export-bound: 14 classes, input spacing finer than the target, so resampling back to it dominates
+  c  a 2-D configuration over a 3-D stack
+Then: time and memory at three sizes of case a (per megavoxel), the "fast" preset against the default
+(speed on a, Dice on synthetic cases and on the bundled demo), and our overhead over the forward passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+# ----------------------------------------------------------------------------------------------- worker side
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _forward_only_seconds(model, n_passes: int) -> float:
+    """The forward passes our run made, alone: the bound no implementation of the same network beats."""
+    import torch
+
+    net = model.network().to("cpu")
+    model.load_fold(net, 0)
+    patch = model.patch_size
+    x = torch.randn(1, model.num_input_channels, *patch)
+    with torch.inference_mode():
+        net(x)
+        t0 = time.perf_counter()
+        for _ in range(n_passes):
+            net(x)
+    return time.perf_counter() - t0
+
+
+def worker(args) -> None:
+    image = np.load(args.image)
+    spacing = [float(s) for s in args.spacing.split(",")]
+    folds = [int(f) for f in args.folds.split(",")]
+    if args.worker == "ours":
+        from napari_nnseg import load_model, predict
+
+        model = load_model(args.model, folds=folds)
+        base = _rss_mb()
+        t0 = time.perf_counter()
+        result = predict(model, image, spacing, device="cpu", preset=args.preset)
+        seconds = time.perf_counter() - t0
+        labels = result.labels
+        info = result.info
+        from napari_nnseg.sliding_window import mirror_combinations
+
+        mirrored = len(mirror_combinations(info["mirror_axes"]))
+        passes = info["tiles_per_fold"] * (1 + mirrored) * len(folds)
+        extra = {"forward_only": _forward_only_seconds(model, passes) if args.forward_bound else None}
+    else:
+        import torch
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False,
+                                    allow_tqdm=False, verbose=False)
+        predictor.initialize_from_trained_model_folder(args.model, use_folds=folds)
+        base = _rss_mb()
+        t0 = time.perf_counter()
+        labels = predictor.predict_single_npy_array(image[None] if image.ndim == 3 else image,
+                                                    {"spacing": spacing}, None, None, False)
+        seconds = time.perf_counter() - t0
+        extra = {}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    np.save(args.out, labels)
+    print(json.dumps({"seconds": seconds, "peak_mb": peak, "base_mb": base, **extra}))
+
+
+# ----------------------------------------------------------------------------------------------- driver side
+def _run(impl: str, model: Path, image: Path, spacing, folds, out: Path, preset: str = "nnunet",
+         forward_bound: bool = False) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, "--model", str(model), "--image", str(image),
+           "--spacing", ",".join(str(s) for s in spacing), "--folds", ",".join(str(f) for f in folds),
+           "--out", str(out), "--preset", preset]
+    if forward_bound:
+        cmd.append("--forward-bound")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{impl} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _dice(a: np.ndarray, b: np.ndarray, labels) -> float:
+    scores = []
+    for lab in labels:
+        x, y = a == lab, b == lab
+        denom = x.sum() + y.sum()
+        if denom:
+            scores.append(2 * np.logical_and(x, y).sum() / denom)
+    return float(np.mean(scores)) if scores else 1.0
+
+
+def _cases(tmp: Path, quick: bool) -> dict:
+    from nnunet_reference import make_image, make_model_folder
+
+    s = 0.75 if quick else 1.0
+    cases = {}
+    model_a = make_model_folder(tmp / "a", patch_size=(32, 64, 64), spacing=(1.0, 1.0, 1.0),
+                                features=(16, 32, 64, 128, 256), strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2],
+                                                                         [2, 2, 2], [1, 2, 2]],
+                                folds=(0,), seed=1)
+    cases["a"] = (model_a, make_image((int(48 * s), int(96 * s), int(96 * s)), 1, seed=11)[0], (1.0, 1.0, 1.0))
+    labels_b = {"background": 0, **{f"class{i}": i for i in range(1, 14)}}
+    model_b = make_model_folder(tmp / "b", labels=labels_b, patch_size=(16, 32, 32), spacing=(2.0, 2.0, 2.0),
+                                features=(4, 8, 16), folds=(0,), seed=2)
+    cases["b"] = (model_b, make_image((int(64 * s), int(160 * s), int(160 * s)), 1, seed=12, sigma=3.0)[0],
+                  (1.0, 0.8, 0.8))
+    model_c = make_model_folder(tmp / "c", dims=2, patch_size=(64, 64), spacing=(0.8, 0.8),
+                                features=(8, 16, 32, 64), folds=(0,), seed=3)
+    cases["c"] = (model_c, make_image((int(12 * s), 128, 128), 1, seed=13)[0], (3.0, 0.8, 0.8))
+    return cases
+
+
+def _compare(name, model, image, spacing, tmp: Path, runs: int) -> dict:
+    img_path = tmp / f"{name}.npy"
+    np.save(img_path, image)
+    ours, ref = [], []
+    for r in range(runs):  # alternate, so drift in machine load hits both sides alike
+        ours.append(_run("ours", model, img_path, spacing, [0], tmp / f"{name}_ours.npy",
+                         forward_bound=(r == 0)))
+        ref.append(_run("nnunet", model, img_path, spacing, [0], tmp / f"{name}_ref.npy"))
+    a, b = np.load(tmp / f"{name}_ours.npy"), np.load(tmp / f"{name}_ref.npy")
+    t_ours = statistics.median(o["seconds"] for o in ours)
+    t_ref = statistics.median(o["seconds"] for o in ref)
+    row = {
+        "case": name, "voxels_in": int(image.size), "time_ratio": t_ours / t_ref, "seconds_ours": t_ours,
+        "seconds_nnunet": t_ref,
+        "peak_rss_ratio": statistics.median(o["peak_mb"] for o in ours) / statistics.median(o["peak_mb"] for o in ref),
+        "peak_above_base_ratio": statistics.median(o["peak_mb"] - o["base_mb"] for o in ours)
+        / max(1e-6, statistics.median(o["peak_mb"] - o["base_mb"] for o in ref)),
+        "agreement": float((a == b).mean()),
+        "overhead_over_forward": t_ours / ours[0]["forward_only"] - 1,
+    }
+    print(f"case {name}: time ours/nnU-Net {row['time_ratio']:.2f} ({t_ours:.1f} s / {t_ref:.1f} s), "
+          f"peak RSS ratio {row['peak_rss_ratio']:.2f} (above import baseline {row['peak_above_base_ratio']:.2f}), "
+          f"label agreement {100 * row['agreement']:.4f} %, overhead over forward passes "
+          f"{100 * row['overhead_over_forward']:.1f} %", flush=True)
+    return row
+
+
+def driver(args) -> None:
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        cases = _cases(tmp, args.quick)
+        runs = 1 if args.quick else args.runs
+        for name in args.cases:
+            rows.append(_compare(name, *cases[name], tmp, runs))
+
+        if "scaling" in args.extras:
+            model, _, spacing = cases["a"]
+            from nnunet_reference import make_image
+
+            print("scaling of case a (ours):", flush=True)
+            for f in (0.6, 0.8, 1.0):
+                image = make_image((int(48 * f), int(96 * f), int(96 * f)), 1, seed=21)[0]
+                np.save(tmp / "scale.npy", image)
+                o = _run("ours", model, tmp / "scale.npy", spacing, [0], tmp / "scale_out.npy")
+                mv = image.size / 1e6
+                print(f"  {image.shape}: {o['seconds'] / mv:.1f} s/MVox, "
+                      f"{(o['peak_mb'] - o['base_mb']) / mv:.0f} MB/MVox above baseline", flush=True)
+
+        if "preset" in args.extras:
+            model, image, spacing = cases["a"]
+            np.save(tmp / "p.npy", image)
+            default = _run("ours", model, tmp / "p.npy", spacing, [0], tmp / "p_default.npy")
+            fast = _run("ours", model, tmp / "p.npy", spacing, [0], tmp / "p_fast.npy", preset="fast")
+            print(f"preset fast on case a: {default['seconds'] / fast['seconds']:.1f}x faster than default", flush=True)
+            from napari_nnseg.demo import demo_model_path, demo_sample
+
+            demo_image, demo_spacing = demo_sample()
+            np.save(tmp / "demo.npy", demo_image)
+            _run("ours", demo_model_path(), tmp / "demo.npy", demo_spacing, [0, 1], tmp / "demo_default.npy")
+            _run("ours", demo_model_path(), tmp / "demo.npy", demo_spacing, [0, 1], tmp / "demo_fast.npy",
+                 preset="fast")
+            dd = _dice(np.load(tmp / "demo_fast.npy"), np.load(tmp / "demo_default.npy"), (1, 2))
+            ds = _dice(np.load(tmp / "p_fast.npy"), np.load(tmp / "p_default.npy"), (1, 2))
+            print(f"preset fast vs default: Dice {dd:.4f} on the demo volume, {ds:.4f} on synthetic case a",
+                  flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", choices=["ours", "nnunet"])
+    p.add_argument("--model"), p.add_argument("--image"), p.add_argument("--spacing"), p.add_argument("--out")
+    p.add_argument("--folds", default="0")
+    p.add_argument("--preset", default="nnunet")
+    p.add_argument("--forward-bound", action="store_true")
+    p.add_argument("--cases", nargs="*", default=["a", "b", "c"])
+    p.add_argument("--extras", nargs="*", default=["scaling", "preset"])
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json")
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+    else:
+        driver(args)
+
+
+if __name__ == "__main__":
+    main()
