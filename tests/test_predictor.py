@@ -67,7 +67,7 @@ def test_closing_the_generator_cancels_between_tiles(model, image):
 def test_out_of_memory_on_device_falls_back_with_identical_labels(model, image, monkeypatch):
     import napari_nnseg.sliding_window as sw
 
-    reference = predict(model, image, SPACING, device="cpu", perform_everything_on_device=False)
+    reference = predict(model, image, SPACING, device="cpu", use_mirroring=False, perform_everything_on_device=False)
     real = sw.allocate_buffers
     calls = {"n": 0}
 
@@ -79,7 +79,8 @@ def test_out_of_memory_on_device_falls_back_with_identical_labels(model, image, 
 
     monkeypatch.setattr(sw, "allocate_buffers", flaky)
     with pytest.warns(UserWarning, match="ran out of memory"):
-        result = predict(model, image, SPACING, device="cpu", perform_everything_on_device=True)
+        result = predict(model, image, SPACING, device="cpu", use_mirroring=False,
+                         perform_everything_on_device=True)
     assert result.info["fell_back_to_cpu"] is True
     assert calls["n"] == 3  # failed attempt, retry of fold 0, fold 1 straight on CPU buffers
     assert np.array_equal(result.labels, reference.labels)
@@ -93,7 +94,7 @@ def test_other_runtime_errors_become_nnseg_errors(model, image, monkeypatch):
 
     monkeypatch.setattr(sw, "allocate_buffers", broken)
     with pytest.raises(NnsegError, match="Prediction failed on cpu: cuDNN error"):
-        predict(model, image, SPACING, device="cpu")
+        predict(model, image, SPACING, device="cpu", use_mirroring=False)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
