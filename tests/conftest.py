@@ -9,6 +9,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# nnunetv2 pulls in triton (through torch._dynamo); importing triton after Mesa has created an OpenGL context
+# crashes the process, so the reference is imported before any napari viewer exists.
+import nnunetv2.inference.predict_from_raw_data  # noqa: E402, F401
+
 
 @pytest.fixture(scope="session")
 def tiny_two_fold_model(tmp_path_factory) -> Path:

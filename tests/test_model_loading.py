@@ -209,3 +209,14 @@ def test_core_imports_without_napari_or_qt():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_checkpoints_load_concurrently(tiny_two_fold_model):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from napari_nnseg.checkpoint import load_checkpoint
+
+    path = tiny_two_fold_model / "fold_0" / "checkpoint_final.pth"
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: load_checkpoint(path), range(30)))
+    assert all("network_weights" in r for r in results)

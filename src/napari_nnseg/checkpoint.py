@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import _codecs
 import pickle
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,17 @@ def _allowed_globals() -> list:
     return allowed
 
 
+# torch's safe_globals edits one process-wide allow-list; concurrent loads (widget + console, threaded
+# batches) would remove each other's entries mid-load, so loads take turns.
+_LOAD_LOCK = threading.Lock()
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint dict, loaded on the CPU with the restricted unpickler."""
     if not path.is_file():
         raise NnsegError(f"Checkpoint {str(path)!r} does not exist.")
     try:
-        with torch.serialization.safe_globals(_allowed_globals()):
+        with _LOAD_LOCK, torch.serialization.safe_globals(_allowed_globals()):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise NnsegError(
