@@ -32,6 +32,8 @@ from dynamic_network_architectures.initialization.weight_init import InitWeights
 from scipy import ndimage
 from torch import nn
 
+from napari_nnseg.network_table import resolve_op
+
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = "Dataset001_Demo"
 RESULTS_SUBFOLDER = "nnUNetTrainer__nnUNetPlans__3d_fullres"
@@ -139,18 +141,11 @@ def zscore(image: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- training
 
 
-def _import_op(name: str | None):
-    if name is None:
-        return None
-    module, _, attr = name.rpartition(".")
-    return getattr(__import__(module, fromlist=[attr]), attr)
-
-
 def build_network(n_classes: int) -> nn.Module:
     """The network nnU-Net will rebuild from ``plans.json``, so the state dict loads strictly."""
     kwargs = dict(ARCH_KWARGS)
     for key in ("conv_op", "norm_op", "dropout_op", "nonlin"):
-        kwargs[key] = _import_op(kwargs[key])
+        kwargs[key] = resolve_op(key, kwargs[key], "demo ARCH_KWARGS")  # the same allow-list as inference
     net = PlainConvUNet(input_channels=1, num_classes=n_classes, deep_supervision=False, **kwargs)
     net.apply(InitWeights_He(1e-2))
     return net
