@@ -135,7 +135,7 @@ def _cases(tmp: Path, quick: bool) -> dict:
                                 features=(16, 32, 64, 128, 256), strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2],
                                                                          [2, 2, 2], [1, 2, 2]],
                                 folds=(0,), seed=1)
-    cases["a"] = (model_a, make_image((32, int(80 * s), int(64 * s)), 1, seed=11)[0], (1.0, 1.0, 1.0))
+    cases["a"] = (model_a, make_image((int(48 * s), int(96 * s), int(96 * s)), 1, seed=11)[0], (1.0, 1.0, 1.0))
     labels_b = {"background": 0, **{f"class{i}": i for i in range(1, 16)}}
     # thick-slice model (4 x 1 x 1 mm) on a finer scan: export resamples 14 classes up, with separate-z
     model_b = make_model_folder(tmp / "b", labels=labels_b, patch_size=(16, 48, 48), spacing=(4.0, 1.0, 1.0),
@@ -144,7 +144,7 @@ def _cases(tmp: Path, quick: bool) -> dict:
                   (1.0, 0.4, 0.4))
     model_c = make_model_folder(tmp / "c", dims=2, patch_size=(64, 64), spacing=(0.8, 0.8),
                                 features=(8, 16, 32, 64), folds=(0,), seed=3)
-    cases["c"] = (model_c, make_image((int(8 * s), 128, 128), 1, seed=13)[0], (3.0, 0.8, 0.8))
+    cases["c"] = (model_c, make_image((int(24 * s), 160, 160), 1, seed=13)[0], (3.0, 0.8, 0.8))
     return cases
 
 
