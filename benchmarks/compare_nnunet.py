@@ -156,7 +156,10 @@ def _compare(name, model, image, spacing, tmp: Path, runs: int) -> dict:
         ours.append(_run("ours", model, img_path, spacing, [0], tmp / f"{name}_ours.npy",
                          forward_bound=(r == 0)))
         ref.append(_run("nnunet", model, img_path, spacing, [0], tmp / f"{name}_ref.npy"))
+    batched = [_run("ours", model, img_path, spacing, [0], tmp / f"{name}_batched.npy", preset="batched")
+               for _ in range(runs)]
     a, b = np.load(tmp / f"{name}_ours.npy"), np.load(tmp / f"{name}_ref.npy")
+    a4 = np.load(tmp / f"{name}_batched.npy")
     t_ours = statistics.median(o["seconds"] for o in ours)
     t_ref = statistics.median(o["seconds"] for o in ref)
     row = {
@@ -165,11 +168,14 @@ def _compare(name, model, image, spacing, tmp: Path, runs: int) -> dict:
         "peak_rss_ratio": statistics.median(o["peak_mb"] for o in ours) / statistics.median(o["peak_mb"] for o in ref),
         "agreement": float((a == b).mean()),
         "overhead_over_forward": t_ours / ours[0]["forward_only"] - 1,
+        "batched_time_ratio": statistics.median(o["seconds"] for o in batched) / t_ref,
+        "batched_agreement": float((a4 == b).mean()),
     }
     print(f"case {name}: time ours/nnU-Net {row['time_ratio']:.2f} ({t_ours:.1f} s / {t_ref:.1f} s), "
           f"peak RSS ratio {row['peak_rss_ratio']:.2f}, "
           f"label agreement {100 * row['agreement']:.4f} %, overhead over forward passes "
-          f"{100 * row['overhead_over_forward']:.1f} %", flush=True)
+          f"{100 * row['overhead_over_forward']:.1f} %; preset batched: time ratio {row['batched_time_ratio']:.2f}, "
+          f"agreement {100 * row['batched_agreement']:.4f} %", flush=True)
     return row
 
 
@@ -217,10 +223,13 @@ def driver(args) -> None:
             for name, vol, vol_spacing, truth in volumes:
                 np.save(tmp / "v.npy", vol)
                 outs = {}
-                for preset in ("nnunet", "fast"):
+                for preset in ("nnunet", "batched", "fast"):
                     outs[preset] = _run("ours", demo_model_path(), tmp / "v.npy", vol_spacing, [0, 1],
                                         tmp / f"v_{preset}.npy", preset=preset)
                 d, f = np.load(tmp / "v_nnunet.npy"), np.load(tmp / "v_fast.npy")
+                bt = np.load(tmp / "v_batched.npy")
+                print(f"preset batched vs default on {name}: {100 * (bt == d).mean():.4f} % voxels equal, "
+                      f"{outs['nnunet']['seconds'] / outs['batched']['seconds']:.1f}x faster", flush=True)
                 print(f"preset fast vs default on {name}: Dice {_dice(f, d, (1, 2)):.4f}, "
                       f"{outs['nnunet']['seconds'] / outs['fast']['seconds']:.1f}x faster; Dice to truth "
                       f"default {_dice(d, truth, (1, 2)):.4f}, fast {_dice(f, truth, (1, 2)):.4f}", flush=True)

@@ -191,3 +191,17 @@ def test_demo_command_in_process(model_dir, monkeypatch, tmp_path, capsys):
     truth_back = nib.load(str(tmp_path / "ground_truth" / "sample.nii.gz"))
     assert np.array_equal(np.asanyarray(truth_back.dataobj).T, truth)
     assert np.allclose(truth_back.affine, nib.load(str(tmp_path / "labels" / "sample.nii.gz")).affine)
+
+
+def test_cli_tile_batch_size_runs_and_is_recorded(model_dir, inputs, serial_run, tmp_path):
+    """--tile-batch-size batches tiles; labels may differ only at near-ties, so compare, not byte-equal."""
+    import nibabel as nib
+
+    _, serial = serial_run
+    proc = run_cli("predict", "-i", inputs, "-o", tmp_path, "-m", model_dir, "-f", "0", "1", "--disable-tta",
+                   "--device", "cpu", "--tile-batch-size", "3")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    for name in ("plain.nii.gz", "oblique.nii.gz"):
+        a = np.asarray(nib.load(serial / name).dataobj)
+        b = np.asarray(nib.load(tmp_path / name).dataobj)
+        assert a.shape == b.shape and (a == b).mean() > 0.99

@@ -147,3 +147,14 @@ def test_region_prediction_uses_whole_image_statistics(model, image):
     pre_full = preprocess(model, image, SPACING)
     pre_part = preprocess(model, image, SPACING, region=small)
     assert np.array_equal(pre_part.data, pre_full.data[(slice(None), *small)])
+
+
+def test_tile_batching_changes_only_the_last_bits(model, image):
+    one = predict(model, image, SPACING, device="cpu", use_mirroring=False, return_probabilities=True)
+    batched = predict(model, image, SPACING, device="cpu", use_mirroring=False, return_probabilities=True,
+                      tile_batch_size=3)
+    assert batched.info["tile_batch_size"] == 3
+    assert np.abs(batched.probabilities - one.probabilities).max() < 1e-2
+    assert (batched.labels == one.labels).mean() > 0.99
+    with pytest.raises(NnsegError, match="tile_batch_size"):
+        predict(model, image, SPACING, device="cpu", tile_batch_size=0)

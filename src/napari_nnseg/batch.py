@@ -242,6 +242,7 @@ class RunOptions:
     perform_everything_on_device: bool = True
     save_probabilities: bool = False
     uncertainty: bool = True
+    tile_batch_size: int = 1
 
 
 def _outputs(case: Case, output_dir: Path, options: RunOptions) -> list[Path]:
@@ -285,7 +286,7 @@ def run_case(model, case: Case, output_dir: str | os.PathLike, options: RunOptio
             raise NnsegError(f"case {case.case_id!r}: found {image.shape[0]} channel(s) ({files}) but the model "
                              f"expects {model.num_input_channels} ({', '.join(model.channel_names)}).{hint}")
         gen = predict_steps(model, image, spacing, device=options.device, tile_step_size=options.tile_step_size,
-                            use_mirroring=options.use_mirroring,
+                            use_mirroring=options.use_mirroring, tile_batch_size=options.tile_batch_size,
                             perform_everything_on_device=options.perform_everything_on_device,
                             return_probabilities=options.save_probabilities,
                             return_uncertainty=options.uncertainty)
@@ -467,6 +468,7 @@ def predict_folder(
     perform_everything_on_device: bool = True,
     save_probabilities: bool = False,
     overwrite: bool = True,
+    tile_batch_size: int = 1,
     uncertainty: bool = True,
     workers: int = 0,
     scheduler: str | None = None,
@@ -486,7 +488,7 @@ def predict_folder(
         A results folder / exported zip (loaded once here), or an already loaded ``NnUNetModel``.
     configuration, folds, checkpoint
         As :func:`napari_nnseg.load_model`, used when ``model`` is a path.
-    device, tile_step_size, use_mirroring, perform_everything_on_device
+    device, tile_step_size, use_mirroring, perform_everything_on_device, tile_batch_size
         As :func:`napari_nnseg.predict`.
     save_probabilities
         Also write float32 class probabilities ``(C, *image array shape)`` to ``CASE.npz``.
@@ -520,7 +522,8 @@ def predict_folder(
         raise NnsegError(f"Cannot create the output folder {str(output_dir)!r} ({exc}).") from exc
     options = RunOptions(device=str(device), tile_step_size=float(tile_step_size), use_mirroring=bool(use_mirroring),
                          perform_everything_on_device=bool(perform_everything_on_device),
-                         save_probabilities=bool(save_probabilities), uncertainty=bool(uncertainty))
+                         save_probabilities=bool(save_probabilities), uncertainty=bool(uncertainty),
+                         tile_batch_size=int(tile_batch_size))
     summary_csv = output_dir / SUMMARY_NAME
     previous = _previous_rows(summary_csv) if not overwrite else {}
     results: dict[int, CaseResult] = {}

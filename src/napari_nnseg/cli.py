@@ -130,6 +130,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="sliding-window step as a fraction of the patch (default 0.5, nnU-Net's; larger is faster)")
     p.add_argument("--disable-tta", "--disable_tta", dest="disable_tta", action="store_true",
                    help="no test-time mirroring (about 8x faster for 3D, results differ slightly)")
+    p.add_argument("--tile-batch-size", "--tile_batch_size", dest="tile_batch_size", type=int, default=1,
+                   help="tiles per network call (default 1 = nnU-Net's bit-identical labels; 4 is several "
+                        "times faster on CPUs, changing only the logits' last bits)")
     p.add_argument("--device", "-device", dest="device", default="auto",
                    help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--not-on-device", "--not_on_device", dest="not_on_device", action="store_true",
@@ -204,7 +207,7 @@ def _predict(args: argparse.Namespace) -> int:
     summary = predict_folder(
         args.inputs, args.output, model, device=args.device, tile_step_size=args.step_size,
         use_mirroring=not args.disable_tta, perform_everything_on_device=not args.not_on_device,
-        save_probabilities=args.save_probabilities, overwrite=not args.continue_,
+        tile_batch_size=args.tile_batch_size, save_probabilities=args.save_probabilities, overwrite=not args.continue_,
         uncertainty=not args.no_uncertainty, workers=args.workers, scheduler=args.scheduler,
         progress=ProgressPrinter(enabled=not args.quiet))
     print(summary.report())
@@ -253,7 +256,7 @@ def _demo(args: argparse.Namespace) -> int:
     summary = predict_folder(
         [image_file], out / "labels", model, device=args.device, tile_step_size=args.step_size,
         use_mirroring=not args.disable_tta, perform_everything_on_device=not args.not_on_device,
-        progress=ProgressPrinter(enabled=not args.quiet))
+        tile_batch_size=args.tile_batch_size, progress=ProgressPrinter(enabled=not args.quiet))
     if not summary.ok:
         print(summary.report())
         return EXIT_FAILED

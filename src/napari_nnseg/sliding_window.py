@@ -115,13 +115,15 @@ def _start(n_heads, shape, patch_size, results_device):
 
 
 @torch.inference_mode()
-def _accumulate(network, data, sl, logits, weights, gaussian, combos, device, results_device, autocast):
-    x = torch.clone(data[sl][None], memory_format=torch.contiguous_format).to(device)
+def _accumulate(network, data, group, logits, weights, gaussian, combos, device, results_device, autocast):
+    """Predict a group of tiles (one network batch) and add them in slicer order."""
+    x = torch.stack([data[sl] for sl in group]).contiguous().to(device)
     with autocast:
-        pred = predict_tile(network, x, combos)[0].to(results_device)
-    pred *= gaussian
-    logits[sl] += pred
-    weights[sl[1:]] += gaussian
+        preds = predict_tile(network, x, combos).to(results_device)
+    for sl, pred in zip(group, preds):
+        pred *= gaussian
+        logits[sl] += pred
+        weights[sl[1:]] += gaussian
 
 
 @torch.inference_mode()
@@ -142,8 +144,13 @@ def sliding_window_logits(
     mirror_axes: Sequence[int] | None = None,
     device: torch.device = _CPU,
     results_device: torch.device = _CPU,
+    tile_batch_size: int = 1,
 ) -> Generator[tuple[int, int], None, torch.Tensor]:
     """Yield ``(tile, n_tiles)`` after each tile; return fp16 logits ``(n_heads, *data.shape[1:])``.
+
+    ``tile_batch_size`` > 1 runs that many tiles per network call (a GPU lever). Batched convolutions
+    round differently from batch-1 ones, so logits change in their last bits and labels may differ at
+    near-ties; 1 (nnU-Net's way) is the default.
 
     The returned tensor was made under inference mode (``is_inference()`` is True): callers that update
     it in place outside inference mode must clone it first (see ``fold_ensemble.add_fold``).
@@ -157,9 +164,12 @@ def sliding_window_logits(
         raise ValueError(f"mirror axes {tuple(mirror_axes)} do not fit a {len(patch_size)}-D patch")
     autocast = torch.autocast("cuda") if device.type == "cuda" else nullcontext()
     logits, weights, gaussian = _start(n_heads, padded.shape[1:], patch_size, results_device)
-    for i, sl in enumerate(slicers, 1):
-        _accumulate(network, padded, sl, logits, weights, gaussian, combos, device, results_device, autocast)
-        yield i, len(slicers)
+    if tile_batch_size < 1:
+        raise ValueError(f"tile_batch_size must be at least 1, got {tile_batch_size}")
+    for start in range(0, len(slicers), tile_batch_size):
+        group = slicers[start:start + tile_batch_size]
+        _accumulate(network, padded, group, logits, weights, gaussian, combos, device, results_device, autocast)
+        yield start + len(group), len(slicers)
     return _finish(logits, weights, revert)
 
 
