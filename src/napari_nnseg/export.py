@@ -46,9 +46,10 @@ def uncrop_and_untranspose(model, seg_cropped: np.ndarray, pre: Preprocessed) ->
     return full.transpose(model.transpose_backward)
 
 
-def uncrop_probabilities(model, probs: np.ndarray, pre: Preprocessed) -> np.ndarray:
+def uncrop_probabilities(model, probs: np.ndarray, pre: Preprocessed, *, background_outside: bool = True) -> np.ndarray:
+    """Maps back into the full image; outside the nonzero box channel 0 is 1 (background) for label models."""
     full = np.zeros((probs.shape[0], *pre.shape_before_cropping), dtype=np.float32)
-    if not model.labels.has_regions:
+    if background_outside and not model.labels.has_regions:
         full[0] = 1  # outside the nonzero box the image is background
     full[(slice(None), *(slice(a, b) for a, b in pre.bbox))] = probs
     return full.transpose([0, *[i + 1 for i in model.transpose_backward]])

@@ -220,16 +220,8 @@ def _uncertainty_maps(model: NnUNetModel, logits: torch.Tensor, fold_labels: lis
     resample = get_resampler("resample_data_or_seg_to_shape",
                              {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None}, "uncertainty")
     back = resample(stacked, pre.shape_after_cropping, pre.target_spacing, pre.original_spacing)
-    full = uncrop_probabilities(_NoBackground(model), np.clip(back, 0, 1).astype(np.float32), pre)
+    full = uncrop_probabilities(model, np.clip(back, 0, 1).astype(np.float32), pre, background_outside=False)
     return full[0], (full[1] if fold_labels else None)
-
-
-class _NoBackground:
-    """Model view for uncropping maps that are zero (certain) outside the nonzero box."""
-
-    def __init__(self, model: NnUNetModel):
-        self.transpose_backward = model.transpose_backward
-        self.labels = type("L", (), {"has_regions": True})()
 
 
 def predict(model: NnUNetModel, image: np.ndarray, spacing: Sequence[float], **kwargs) -> PredictionResult:
