@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,19 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 # ----------------------------------------------------------------------------------------------- worker side
+def _peak_rss_mb() -> float:
+    """This process's own high-water mark (VmHWM).
+
+    Not ``ru_maxrss``: on Linux that survives ``exec`` and starts at the forking parent's size, so every
+    worker would report at least the driver's memory.
+    """
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -89,7 +101,7 @@ def worker(args) -> None:
                                                     {"spacing": spacing}, None, None, False)
         seconds = time.perf_counter() - t0
         extra = {}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mb()
     np.save(args.out, labels)
     print(json.dumps({"seconds": seconds, "peak_mb": peak, "base_mb": base, **extra}))
 
